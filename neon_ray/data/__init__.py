@@ -1,0 +1,1 @@
+"""Real datasets (bundled digits, image folders, Parquet tables) and the synthetic-set schema."""
