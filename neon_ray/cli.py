@@ -36,11 +36,15 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "pretrain": Command("neon_ray.pretrain:PretrainConfig", "neon_ray.pretrain:run",
                         "train a base model with EMA and write a checkpoint"),
+    "sample": Command("neon_ray.sample:SampleConfig", "neon_ray.sample:run",
+                      "stage 1: sample the synthetic set S into Parquet shards", SAMPLER_ALIASES),
     "evaluate": Command("neon_ray.evaluate.run:EvaluateConfig", "neon_ray.evaluate.run:run",
                         "sample a checkpoint and measure FID / precision / recall",
                         SAMPLER_ALIASES),
     "ref-stats": Command("neon_ray.evaluate.run:RefStatsConfig", "neon_ray.evaluate.run:run_ref_stats",
                          "compute reference feature statistics of a real dataset"),
+    "merge": Command("neon_ray.merge:MergeConfig", "neon_ray.merge:run", "write θ_r − w(θ_s − θ_r) as a checkpoint"),
+    "import": Command("neon_ray.importer:ImportConfig", "neon_ray.importer:run_import", "import an official .pth release"),
 }
 
 

@@ -47,10 +47,6 @@ class PretrainConfig:
     progress: bool = option(True, "show a progress bar")
     storage: StorageConfig = field(default_factory=StorageConfig)
 
-    def validate(self) -> None:
-        if not self.out:
-            raise ValueError("out: an output URI is required")
-
 
 def _settings(cfg: PretrainConfig) -> dict[str, Any]:
     data = to_dict(cfg)
@@ -62,6 +58,8 @@ def _settings(cfg: PretrainConfig) -> dict[str, Any]:
 def run(cfg: PretrainConfig) -> str:
     """Train and write the checkpoint; returns its URI (reused when already done)."""
     # Validate everything cheap before training.
+    if not cfg.out:
+        raise ValueError("out: an output URI is required")
     family = get_family(cfg.family)
     model_cfg = family.model_config(cfg.preset, cfg.model)
     manifest = st.verify_manifest(cfg.out, cfg.storage)

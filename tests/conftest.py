@@ -42,3 +42,15 @@ def ray_local():
                  runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_base(tmp_path_factory):
+    """A briefly pretrained tiny flow model on digits (a real, if rough, base)."""
+    from neon_ray.config import from_dict
+    from neon_ray.pretrain import PretrainConfig, run
+
+    out = str(tmp_path_factory.mktemp("bases") / "flow-tiny")
+    run(from_dict(PretrainConfig, {"out": out, "family": "flow", "preset": "tiny", "steps": 150,
+                                   "batch_size": 64, "progress": False}))
+    return out
