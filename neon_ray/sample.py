@@ -223,7 +223,7 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
     if todo:
         init_ray()
         actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-                               max_restarts=0)(SamplerWorker)
+                               max_restarts=0, scheduling_strategy="SPREAD")(SamplerWorker)
         args = (cfg.checkpoint, to_dict(sampler), cfg.storage, cfg.threads_per_worker, cfg.gpus_per_worker)
         run_id = uuid.uuid4().hex[:8]
         names = (f"neon-sampler-{run_id}-{i}" for i in itertools.count())

@@ -179,3 +179,13 @@ def test_bad_input_is_refused_before_work(tiny_flow_base, tmp_path):
     with pytest.raises(st.StorageError, match="unreachable"):
         prepare(cfg(checkpoint=tiny_flow_base, out="s3://neon/x", storage=bad_s3))
     assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
+def test_removed_node_still_gives_exactly_n_rows(tiny_flow_base, tmp_path):
+    out = str(tmp_path / "s")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "node_removal.py"), tiny_flow_base, out],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rows": 160, "unique": 160, "removed_mid_run": True, "manifest_num": 160}
