@@ -17,7 +17,6 @@ sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without install
 def main(default_config: str, description: str) -> int:
     from neon_ray import config as C
     from neon_ray import pipeline
-    from neon_ray.raycluster import init_ray
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=os.path.join(HERE, "configs", default_config),
@@ -33,7 +32,5 @@ def main(default_config: str, description: str) -> int:
     if args.dry_run:
         print(C.dump(cfg), end="")
         return 0
-    init_ray()
-    record = pipeline.run(cfg)
-    print(pipeline.summary_table(record))
+    pipeline.run_cli(cfg)
     return 0
