@@ -13,6 +13,7 @@ fails with one line naming the offending field:
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -94,6 +98,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         raise ConfigError(f"{where}: expected float, got {value!r}")
     if tp is str:
         if isinstance(value, str):

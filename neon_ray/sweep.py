@@ -229,6 +229,7 @@ def write_final(cfg: SweepConfig, prep: Prepared, neon: dict[str, Any]) -> str:
     out = st.join(cfg.out, "final")
     if st.verify_manifest(out, cfg.storage) is not None:
         return out
+    st.remove(out, cfg.storage)  # our own folder without a verifying manifest: a killed earlier write
     if neon["snapshot"] == BASE:
         snap_uri = next(iter(prep.snapshots.values()))
     else:
