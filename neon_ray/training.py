@@ -7,6 +7,7 @@ pre-training loop (``pretrain``) both call these.
 from __future__ import annotations
 
 import copy
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -36,10 +37,15 @@ def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     return base_lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
+def make_optimizer(model: nn.Module | Iterable[Any], lr: float, weight_decay: float,
                    betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """AdamW (a torch optimizer, so DeepSpeed needs no fused-op build)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    """AdamW (a torch optimizer, so DeepSpeed needs no fused-op build).
+
+    ``model`` is a module or its parameters / parameter groups (what DeepSpeed
+    hands an optimizer factory).
+    """
+    params = model.parameters() if isinstance(model, nn.Module) else model
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
