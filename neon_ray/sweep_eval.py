@@ -36,6 +36,7 @@ class EvalSpec:
     batch_size: int
     extractor: dict[str, Any]      # ExtractorConfig data
     device: str = "cpu"
+    threads: int = 1               # torch CPU threads
 
 
 def build_model(spec: EvalSpec):
@@ -53,6 +54,7 @@ def point_features(spec: EvalSpec, base_sd: dict, snap_sd: dict | None, w: float
     from neon_ray.evaluate.run import balanced_labels
     from neon_ray.merge import InMemoryMerger
 
+    torch.set_num_threads(spec.threads)
     family, model = build_model(spec)
     if snap_sd is None or w == 0.0:
         model.load_state_dict(base_sd, strict=True)
@@ -92,7 +94,8 @@ def chunks(num: int, parts: int) -> list[tuple[int, int]]:
 
 
 def spec_from(family: str, model_cfg: Any, sampler: SamplerConfig, num: int, seed: int, batch_size: int,
-              extractor: Any, device: str = "cpu") -> EvalSpec:
+              extractor: Any, device: str = "cpu", threads: int = 1) -> EvalSpec:
     data = to_dict(sampler)
     data.pop("guidance")
-    return EvalSpec(family, to_dict(model_cfg), data, num, seed, batch_size, to_dict(extractor), device)
+    return EvalSpec(family, to_dict(model_cfg), data, num, seed, batch_size, to_dict(extractor), device,
+                    max(1, threads))

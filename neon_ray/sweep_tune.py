@@ -106,7 +106,8 @@ def run_search(cfg, prep, planner) -> list[dict[str, Any]]:
 
     init_ray()
     spec = spec_from(prep.base_info.family, prep.model_cfg, prep.sampler, cfg.num_select, cfg.seed_select,
-                     cfg.batch_size, cfg.extractor, "cuda" if cfg.gpus_per_trial > 0 else "cpu")
+                     cfg.batch_size, cfg.extractor, "cuda" if cfg.gpus_per_trial > 0 else "cpu",
+                     int(cfg.cpus_per_trial))
     base = checkpoints.load_state_dict(cfg.base, cfg.storage)
     snaps = {n: checkpoints.load_state_dict(u, cfg.storage) for n, u in prep.snapshots.items()}
     resources = {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial}
@@ -141,7 +142,8 @@ def evaluate_final(cfg, prep, points: list[Point], rows: list[dict[str, Any]]) -
     done = {Point.make(r["snapshot"], r["w"], r["guidance"]): r for r in rows
             if r["phase"] == "final" and r["status"] == "ok"}
     spec = spec_from(prep.base_info.family, prep.model_cfg, prep.sampler, cfg.num_final, cfg.seed_final,
-                     cfg.batch_size, cfg.extractor, "cuda" if cfg.gpus_per_trial > 0 else "cpu")
+                     cfg.batch_size, cfg.extractor, "cuda" if cfg.gpus_per_trial > 0 else "cpu",
+                     int(cfg.cpus_per_trial))
     todo = [p for p in points if p not in done]
     if todo:
         base = ray.put(checkpoints.load_state_dict(cfg.base, cfg.storage))

@@ -8,6 +8,8 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Tiny models on a 2-core machine: one torch thread per process (two spin against each other).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NEON_RAY_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "neon_ray"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(__file__), "..", ".cache",
                                                            "torch_extensions"))
