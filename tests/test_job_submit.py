@@ -9,9 +9,12 @@ and resubmits: only that stage runs again.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 import pytest
 
@@ -23,17 +26,35 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 @pytest.fixture(scope="module")
 def ray_head():
+    """A Ray head on loopback in its own process group (``ray start --block``).
+
+    Stopped by signalling that group: ``ray stop`` would kill every Ray on the
+    machine, including the test session's own.
+    """
     temp = tempfile.mkdtemp(prefix="neon-rayhead-", dir="/tmp")
     port, dash = free_port(), free_port()
     # Ray 2.60 turns token authentication on; the submitter sends the token the head wrote.
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
-    start = subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                            "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
-    yield f"http://127.0.0.1:{dash}", env
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    log = open(os.path.join(temp, "head.log"), "w")
+    head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert head.poll() is None, open(log.name).read()[-3000:]
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)
 
 
