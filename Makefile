@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) jobs/neon_xar.py
+	OMP_NUM_THREADS=1 $(PY) jobs/neon_xar.py
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q --durations=15
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -176,4 +176,4 @@ def summary_table(record: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
-    return "\n".join(lines) + f"\n\nFID in feature space {base.get('feature_space', r.get('feature_space', '?'))}"
+    return "\n".join(lines) + f"\n\nFID in feature space {r.get('feature_space', '?')}, {r.get('evaluations')} search evaluations"

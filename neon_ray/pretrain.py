@@ -23,7 +23,7 @@ from neon_ray.data.images import load_dataset
 from neon_ray.families import get_family
 from neon_ray.families.base import to_float
 from neon_ray.storage import StorageConfig
-from neon_ray.training import make_ema, make_optimizer, set_lr, update_ema, warmup_lr
+from neon_ray.training import ema_decay_at, make_ema, make_optimizer, set_lr, update_ema, warmup_lr
 
 
 @dataclass
@@ -41,7 +41,8 @@ class PretrainConfig:
     warmup_steps: int = option(200, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
     grad_clip: float = option(1.0, "max gradient norm (0 = off)", min=0.0)
-    ema_decay: float = option(0.999, "EMA decay per step", min=0.0, max=1.0)
+    ema_decay: float = option(0.999, "EMA decay per step (warmed up: min(decay, (1+t)/(10+t)))",
+                              min=0.0, max=1.0)
     seed: int = option(0, "seed for initialisation, batches and noise")
     threads: int = option(0, "torch CPU threads (0 = torch default)", min=0)
     progress: bool = option(True, "show a progress bar")
@@ -101,7 +102,7 @@ def run(cfg: PretrainConfig) -> str:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        update_ema(ema, model, cfg.ema_decay)
+        update_ema(ema, model, ema_decay_at(step, cfg.ema_decay))
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")

@@ -197,6 +197,7 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     neon, base = final
     result = {"neon": neon, "base": base, "w": neon["w"], "guidance": neon["guidance"],
               "snapshot": neon["snapshot"], "evaluations": sum(1 for r in rows if r["phase"] == "select"),
+              "feature_space": prep.extractor_id, "search": cfg.search,
               "extra_compute": extra_compute(cfg, prep, neon["snapshot"])}
 
     # Write the winner with the streaming merge.

@@ -30,6 +30,15 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with a warm-up, min(decay, (1 + t) / (10 + t)).
+
+    Without it, a short run's EMA is mostly the random initialisation (a
+    0.999 EMA remembers ~1000 steps).
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 def warmup_lr(step: int, base_lr: float, warmup_steps: int) -> float:
     """Linear warm-up from 0 to ``base_lr`` over ``warmup_steps``, then constant."""
     if warmup_steps <= 0:

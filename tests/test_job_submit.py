@@ -61,7 +61,12 @@ def ray_head():
 def submit(address: str, env: dict, run_dir: str) -> subprocess.CompletedProcess:
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ROOT, "--",
            sys.executable, "jobs/neon_xar.py", "--config", "jobs/configs/smoke.yaml", "--set", f"run_dir={run_dir}"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    for _ in range(30):  # the head's job agent starts a little after its dashboard answers
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+        if "No available agent" not in proc.stdout + proc.stderr:
+            return proc
+        time.sleep(2)
+    return proc
 
 
 def test_submitted_job_succeeds_and_resumes(ray_head, tmp_path):

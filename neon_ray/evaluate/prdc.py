@@ -34,7 +34,8 @@ def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _as_tensor(x: np.ndarray | torch.Tensor, name: str, device: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    # np.array copies: features from Ray's object store are read-only buffers.
+    t = x if torch.is_tensor(x) else torch.from_numpy(np.array(x, dtype=np.float64))
     if t.ndim != 2:
         raise ValueError(f"{name}: expected features of shape (N, d), got {tuple(t.shape)}")
     return t.to(device=device, dtype=torch.float64)
