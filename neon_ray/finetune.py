@@ -28,6 +28,7 @@ Output (any storage URI)::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import math
@@ -352,6 +353,11 @@ def finished(cfg: FinetuneConfig, prep: Prepared) -> dict[str, Any] | None:
 
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run (or resume) the stage; returns the snapshot URIs and whether training ran."""
+    # Local paths absolute: Ray workers run in other folders.
+    cfg = dataclasses.replace(
+        cfg, checkpoint=st.absolute(cfg.checkpoint),
+        data=st.absolute(cfg.data),
+        out=st.absolute(cfg.out))
     from neon_ray import finetune_worker
 
     prep = prepare(cfg)

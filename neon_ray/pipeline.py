@@ -17,6 +17,7 @@ fills in; they are checked when the config is loaded (``--dry-run`` included).
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     from neon_ray.sample import SampleConfig
     from neon_ray.sweep import SweepConfig
 
+    cfg = dataclasses.replace(cfg, run_dir=st.absolute(cfg.run_dir),
+                              base_checkpoint=st.absolute(cfg.base_checkpoint))
     s = to_dict(cfg.storage)
     ext = to_dict(cfg.reference.extractor)
     base = base_uri(cfg)

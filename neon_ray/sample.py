@@ -15,6 +15,7 @@ or corrupt ones are sampled again.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import time
@@ -194,6 +195,10 @@ def prepare(cfg: SampleConfig) -> tuple[Any, SamplerConfig, dict[str, Any]]:
 
 def run(cfg: SampleConfig) -> dict[str, Any]:
     """Run (or resume) the stage; returns counts of shards sampled and kept."""
+    # Local paths absolute: Ray workers run in other folders.
+    cfg = dataclasses.replace(
+        cfg, checkpoint=st.absolute(cfg.checkpoint),
+        out=st.absolute(cfg.out))
     import ray
     from tqdm import tqdm
 

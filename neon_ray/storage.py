@@ -64,6 +64,13 @@ def _local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.startswith("file://") else uri
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a local relative path made absolute (Ray workers run in other folders)."""
+    if uri is None or is_s3(uri):
+        return uri
+    return ("file://" if str(uri).startswith("file://") else "") + os.path.abspath(_local_path(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a URI (``/``-separated for every scheme)."""
     out = str(uri).rstrip("/")

@@ -16,6 +16,7 @@ recorded as failed and the search goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -171,6 +172,12 @@ def save_results(out: str, rows: list[dict[str, Any]], storage: StorageConfig | 
 
 def run(cfg: SweepConfig) -> dict[str, Any]:
     """Search, compare on fresh seeds, write the winner and the report."""
+    # Local paths absolute: Ray workers run in other folders.
+    cfg = dataclasses.replace(
+        cfg, base=st.absolute(cfg.base),
+        snapshots=st.absolute(cfg.snapshots),
+        ref_stats=st.absolute(cfg.ref_stats),
+        out=st.absolute(cfg.out))
     from neon_ray.sweep_tune import evaluate_final, run_search
 
     prep = prepare(cfg)
