@@ -20,7 +20,7 @@ from neon_ray.finetune_worker import deepspeed_config
 
 # 16 steps of 16 images, snapshots every 4 steps; micro-batches of 8 so 1 and 2 workers
 # compute the same micro-batches.
-COMMON = {"images": 256, "snapshot_every": 64, "lr": 2e-3, "warmup_images": 32, "batch": 16,
+COMMON = {"images": 256, "snapshot_every": 64, "lr": 5e-4, "warmup_images": 32, "batch": 16,
           "micro_batch": 8, "ema_decay": 0.9, "seed": 5,
           "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
 TARGETS = [64, 128, 192, 256]
@@ -77,7 +77,7 @@ def assert_same(snap, ref, base):
     order, so the last bits differ; observed ~1e-7 against moves of ~1e-2.
     """
     moved = max_diff(ref, base)
-    assert moved > 1e-3
+    assert moved > 1e-4
     assert max_diff(snap, ref) < 1e-3 * moved
 
 

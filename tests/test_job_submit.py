@@ -38,7 +38,12 @@ def ray_head():
     log = open(os.path.join(temp, "head.log"), "w")
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+                             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+                             # Free ports for the per-node agents: the session's own Ray holds the defaults.
+                             f"--dashboard-agent-listen-port={free_port()}",
+                             f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                             f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+                             f"--object-manager-port={free_port()}"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
@@ -61,7 +66,7 @@ def ray_head():
 def submit(address: str, env: dict, run_dir: str) -> subprocess.CompletedProcess:
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", ROOT, "--",
            sys.executable, "jobs/neon_xar.py", "--config", "jobs/configs/smoke.yaml", "--set", f"run_dir={run_dir}"]
-    for _ in range(30):  # the head's job agent starts a little after its dashboard answers
+    for _ in range(90):  # the head's job agent starts a little after its dashboard answers
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
         if "No available agent" not in proc.stdout + proc.stderr:
             return proc
