@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ from neon_ray.families.base import SamplerConfig, get_family, to_float
 from neon_ray.families.vae import AutoencoderKL, VAEConfig
 from neon_ray.families.xar_net import KVCache, grid_to_seq, seq_to_grid
 
-SHARED = Path("/work/shared/xar")
+# The project's shared folder sits beside the repository (../shared); override with NEON_RAY_XAR_REFERENCE.
+SHARED = Path(os.environ.get("NEON_RAY_XAR_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "xar"))
 GOLDEN = SHARED / "golden"
 needs_shared = pytest.mark.skipif(not (SHARED / "official_state_dict_manifest.json").exists(),
-                                  reason="needs the xAR reference files in /work/shared/xar")
+                                  reason=f"needs the xAR reference files in {SHARED}")
 
 
 @pytest.fixture(scope="module", autouse=True)
