@@ -17,10 +17,6 @@ recorded as failed and the search goes on.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -225,8 +221,9 @@ def extra_compute(cfg: SweepConfig, prep: Prepared, snapshot: str) -> dict[str, 
         return {"finetune_images": 0, "fraction_of_base": 0.0}
     info = checkpoints.load_info(prep.snapshots[snapshot], cfg.storage)
     base_images = prep.base_info.base_train_images or prep.base_info.images_seen
-    ft = info.images_seen - (prep.base_info.images_seen or 0) if info.images_seen > prep.base_info.images_seen \
-        else info.images_seen
+    # The fine-tune records its own count; a snapshot from elsewhere counts as the difference.
+    ft = (info.extra.get("finetune") or {}).get("images_seen",
+                                                 max(0, info.images_seen - prep.base_info.images_seen))
     return {"finetune_images": int(ft), "base_train_images": base_images,
             "fraction_of_base": (ft / base_images) if base_images else None}
 

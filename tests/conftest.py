@@ -41,7 +41,9 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}})
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
+                     (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      os.path.dirname(os.path.abspath(__file__))))}})
     yield ray
     ray.shutdown()
 
