@@ -40,6 +40,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neon_ray import checkpoints as ck  # noqa: E402
+from neon_ray import tensorfile as tf  # noqa: E402
 from neon_ray import storage as st  # noqa: E402
 from neon_ray.config import option, to_dict  # noqa: E402
 from neon_ray.families.base import Family  # noqa: E402
@@ -96,7 +97,7 @@ def write_synthetic(uri: str, config: BenchConfig, finetuned: bool) -> None:
     files, weight_map = {}, {}
     for i, shard in enumerate(shards):
         name = ck.shard_name(i, len(shards))
-        writer = ck.ShardWriter(st.join(uri, name), shard)
+        writer = tf.ShardWriter(st.join(uri, name), shard)
         for key in writer.order:
             shape = shapes[key][0]
             g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
@@ -168,7 +169,7 @@ def merge_subprocess(base: str, finetuned: str, out: str) -> dict:
 def check(base: str, finetuned: str, out: str, key: str) -> None:
     from neon_ray.merge import neon_tensor
 
-    got = [ck.TensorReader(u).get(ck.tensor_index(u)[key]) for u in (base, finetuned, out)]
+    got = [tf.TensorReader(u).get(ck.tensor_index(u)[key]) for u in (base, finetuned, out)]
     if not torch.equal(got[2], neon_tensor(got[0], got[1], 1.6)):
         raise AssertionError(f"merged {key} differs from neon_tensor")
 

@@ -40,6 +40,7 @@ from neon_ray import checkpoints as ck
 from neon_ray import storage as st
 from neon_ray.config import option
 from neon_ray.storage import StorageConfig
+from neon_ray.tensorfile import ShardWriter, TensorMeta, TensorReader
 
 CHUNK = 1 << 20            # elements merged per step (8 MB of fp64 work space per buffer)
 RING = 8                   # output chunks (8 MB each) in flight to the writer and hasher threads
@@ -108,8 +109,8 @@ class MergePlan:
     ft_info: ck.CheckpointInfo
     base_digest: str
     ft_digest: str
-    base_meta: dict[str, ck.TensorMeta]
-    ft_meta: dict[str, ck.TensorMeta]
+    base_meta: dict[str, TensorMeta]
+    ft_meta: dict[str, TensorMeta]
     merge_keys: set[str] = field(default_factory=set)   # float parameters: extrapolated
 
 
@@ -172,8 +173,8 @@ def plan_merge(base: str, finetuned: str, w: float, out: str,
     return plan
 
 
-def _shards(metas: list[ck.TensorMeta], max_shard_bytes: int) -> list[list[ck.TensorMeta]]:
-    shards: list[list[ck.TensorMeta]] = [[]]
+def _shards(metas: list[TensorMeta], max_shard_bytes: int) -> list[list[TensorMeta]]:
+    shards: list[list[TensorMeta]] = [[]]
     size = 0
     for m in metas:
         if shards[-1] and size + m.nbytes > max_shard_bytes:
@@ -189,8 +190,8 @@ class _Stream:
 
     def __init__(self, plan: MergePlan, storage: StorageConfig | None):
         self.plan = plan
-        self.rb = ck.TensorReader(plan.base, storage)
-        self.rs = ck.TensorReader(plan.finetuned, storage)
+        self.rb = TensorReader(plan.base, storage)
+        self.rs = TensorReader(plan.finetuned, storage)
         nbytes = CHUNK * 8
         self.in_r = torch.empty(nbytes, dtype=torch.uint8)    # raw input bytes of θ_r, θ_s
         self.in_s = torch.empty(nbytes, dtype=torch.uint8)
@@ -209,16 +210,16 @@ class _Stream:
             f.result()
         return self.ring[self.slot]
 
-    def _submit(self, writer: ck.ShardWriter, buf: torch.Tensor) -> None:
+    def _submit(self, writer: ShardWriter, buf: torch.Tensor) -> None:
         self.pending[self.slot] = (self.pool.submit(writer.write_only, buf),
                                    self.hasher.submit(writer.hash_only, buf))
 
-    def finish(self, writer: ck.ShardWriter) -> Future:
+    def finish(self, writer: ShardWriter) -> Future:
         """Close ``writer`` once all its bytes are written and hashed; the future holds its sha256."""
         hashed = self.hasher.submit(lambda: None)
         return self.pool.submit(lambda: (hashed.result(), writer.close())[1])
 
-    def tensor(self, writer: ck.ShardWriter, key: str) -> None:
+    def tensor(self, writer: ShardWriter, key: str) -> None:
         b = self.plan.base_meta[key]
         if key not in self.plan.merge_keys:      # buffers, non-float tensors, or w = 0
             for off in range(0, b.nbytes, len(self.ring[0])):
@@ -268,7 +269,7 @@ def merge_checkpoints(base: str, finetuned: str, w: float, out: str,
     created = not st.exists(out, storage)
     written: list[str] = []
     stream = _Stream(plan, storage)
-    writers: list[ck.ShardWriter] = []
+    writers: list[ShardWriter] = []
     # One intra-op thread: chunks are small and memory-bound, and the overlap that pays
     # is reading/merging here against writing and hashing in their threads. With torch's
     # default threads the same merge ran 3x slower on a busy 2-core machine.
@@ -278,7 +279,7 @@ def merge_checkpoints(base: str, finetuned: str, w: float, out: str,
         # Stream every shard: chunks go to the writer thread, which also closes (renames) the file.
         digests: dict[str, Future] = {}
         for name, shard in zip(names, shards):
-            writer = ck.ShardWriter(st.join(out, name), [(m.key, m.dtype, m.shape) for m in shard], storage)
+            writer = ShardWriter(st.join(out, name), [(m.key, m.dtype, m.shape) for m in shard], storage)
             writers.append(writer)
             for key in writer.order:
                 stream.tensor(writer, key)

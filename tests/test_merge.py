@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from neon_ray import checkpoints as ck
+from neon_ray import tensorfile as tf
 from neon_ray import merge as M
 from neon_ray import storage as st
 from neon_ray.cli import main as cli_main
@@ -418,7 +419,7 @@ def test_streamed_files_read_by_safetensors(tmp_path):
 
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int16),
                "c": torch.randn(2, dtype=torch.float64), "d": torch.tensor(True), "e": torch.zeros(0, 4)}
-    writer = ck.ShardWriter(str(tmp_path / "x.safetensors"), [(k, v.dtype, tuple(v.shape))
+    writer = tf.ShardWriter(str(tmp_path / "x.safetensors"), [(k, v.dtype, tuple(v.shape))
                                                              for k, v in tensors.items()])
     for k in writer.order:
         writer.write(tensors[k].contiguous())
@@ -426,7 +427,7 @@ def test_streamed_files_read_by_safetensors(tmp_path):
     assert digest == st.sha256_uri(str(tmp_path / "x.safetensors"))
     back = load_file(str(tmp_path / "x.safetensors"))
     assert set(back) == set(tensors) and all(torch.equal(back[k], v) for k, v in tensors.items())
-    metas = ck.read_header(str(tmp_path / "x.safetensors"))
-    with ck.TensorReader(str(tmp_path)) as reader:
+    metas = tf.read_header(str(tmp_path / "x.safetensors"))
+    with tf.TensorReader(str(tmp_path)) as reader:
         assert all(torch.equal(reader.get(metas[k]), v) for k, v in tensors.items())
     assert json.loads(json.dumps(list(metas)))  # keys are plain strings
