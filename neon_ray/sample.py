@@ -173,6 +173,26 @@ def _settings(cfg: SampleConfig, sampler: SamplerConfig, base_digest: str, famil
             "sampler": to_dict(sampler), "base_digest": base_digest, "family": family}
 
 
+def _recorded(out: str, storage: StorageConfig | None) -> dict[str, dict | None]:
+    """What an earlier run left at ``out``: its manifest (finished) and plan (started), or None."""
+    plan_uri = st.join(out, "plan.json")
+    return {"manifest.json": st.read_manifest(out, storage),
+            "plan.json": st.read_json(plan_uri, storage) if st.exists(plan_uri, storage) else None}
+
+
+def _verified_shards(cfg: SampleConfig, plan: list[ShardSpec]) -> dict[int, dict]:
+    """The shards of ``plan`` already under ``out``, whole and right: {shard: manifest entry}."""
+    present = set(st.listdir(cfg.out, cfg.storage))
+    results: dict[int, dict] = {}
+    for spec in plan:
+        if spec.name in present:
+            data = st.read_bytes(st.join(cfg.out, spec.name), cfg.storage)
+            if check_shard(data, spec):
+                results[spec.shard] = {"name": spec.name, "rows": spec.stop - spec.start,
+                                       "sha256": st.sha256_bytes(data)}
+    return results
+
+
 def prepare(cfg: SampleConfig) -> tuple[Any, SamplerConfig, dict[str, Any]]:
     """Every check that can fail before an actor starts; returns (info, sampler, settings)."""
     from neon_ray.families import get_family
@@ -184,9 +204,7 @@ def prepare(cfg: SampleConfig) -> tuple[Any, SamplerConfig, dict[str, Any]]:
     base_digest = checkpoints.checkpoint_digest(cfg.checkpoint, cfg.storage)
     settings = _settings(cfg, sampler, base_digest, info.family)
     st.check_writable(cfg.out, cfg.storage)
-    plan_uri = st.join(cfg.out, "plan.json")
-    plan = st.read_json(plan_uri, cfg.storage) if st.exists(plan_uri, cfg.storage) else None
-    for name, existing in (("manifest.json", st.read_manifest(cfg.out, cfg.storage)), ("plan.json", plan)):
+    for name, existing in _recorded(cfg.out, cfg.storage).items():
         if existing is not None and existing.get("settings") != settings:
             raise FileExistsError(f"{cfg.out}: holds a synthetic set with other settings ({name}); "
                                   f"refusing to overwrite it — choose another --out")
@@ -213,14 +231,7 @@ def run(cfg: SampleConfig) -> dict[str, Any]:
 
     # Keep the shards already written whole and right.
     plan = shard_plan(cfg.num, cfg.shard_size)
-    present = set(st.listdir(cfg.out, cfg.storage))
-    results: dict[int, dict] = {}
-    for spec in plan:
-        if spec.name in present:
-            data = st.read_bytes(st.join(cfg.out, spec.name), cfg.storage)
-            if check_shard(data, spec):
-                results[spec.shard] = {"name": spec.name, "rows": spec.stop - spec.start,
-                                       "sha256": st.sha256_bytes(data)}
+    results = _verified_shards(cfg, plan)
     todo = [s for s in plan if s.shard not in results]
     kept = len(results)
 
