@@ -2,7 +2,8 @@
 
 Runs the flow digits pipeline up to the fine-tune (reusing --run-dir when its
 stages are done), then both searches with the same seeds, ranges and final
-comparison. Prints one JSON line: evaluations and final Neon FID of each, the
+comparison. Prints one JSON line: evaluations, chosen point and final FIDs
+(base and Neon, precision/recall as base P, base R, Neon P, Neon R) of each, the
 evaluation ratio (target ≤ 0.5) and the FID ratio adaptive/grid (target ≤ 1.02).
 
 usage: python benchmarks/bench_sweep.py [--run-dir DIR]
@@ -40,8 +41,13 @@ def main() -> None:
                                                   "out": os.path.join(args.run_dir, f"sweep-{search}")})
         t0 = time.perf_counter()
         result = sweep.run(sweep_cfg)
-        out[search] = {"evaluations": result["evaluations"], "final_fid": result["neon"]["fid"],
-                       "base_final_fid": result["base"]["fid"], "w": result["w"], "guidance": result["guidance"],
+        neon, base = result["neon"], result["base"]
+        out[search] = {"evaluations": result["evaluations"], "final_fid": round(neon["fid"], 3),
+                       "base_final_fid": round(base["fid"], 3), "base_guidance": base["guidance"],
+                       "w": round(result["w"], 3), "guidance": result["guidance"], "snapshot": result["snapshot"],
+                       "precision_recall": [round(x, 3) for x in (base["precision"], base["recall"],
+                                                                   neon["precision"], neon["recall"])],
+                       "extra_compute": result["extra_compute"]["fraction_of_base"],
                        "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps({"bench": "sweep", **out,
                       "evaluation_ratio": round(out["adaptive"]["evaluations"] / out["grid"]["evaluations"], 3),
