@@ -8,6 +8,7 @@ resources.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -116,15 +117,19 @@ def run_search(cfg, prep, planner) -> list[dict[str, Any]]:
         tune.with_parameters(_trial, spec=spec, base=base, snaps=snaps, ref=prep.ref, k=cfg.k,
                              evaluators=cfg.evaluators, resources=resources), trial_resources)
     searcher = _make_searcher(planner, cached, record)
-    tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
-        search_alg=searcher, num_samples=-1, max_concurrent_trials=cfg.max_concurrent),
-        run_config=tune.RunConfig(name=f"sweep-{int(time.time())}", verbose=0,
-                                  storage_path=tempfile.mkdtemp(prefix="neon-tune-"),
-                                  failure_config=tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
-    # Put Tune's error text on failed rows.
-    errors = {Point.make(r.config["snapshot"], r.config["w"], r.config["guidance"]): r.error
-              for r in grid if r.error is not None}
+    # Tune's own experiment state is scratch: results.parquet is the record and the resume point.
+    scratch = tempfile.mkdtemp(prefix="neon-tune-")
+    try:
+        tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+            search_alg=searcher, num_samples=-1, max_concurrent_trials=cfg.max_concurrent),
+            run_config=tune.RunConfig(name=f"sweep-{int(time.time())}", verbose=0, storage_path=scratch,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        grid = tuner.fit()
+        # Put Tune's error text on failed rows.
+        errors = {Point.make(r.config["snapshot"], r.config["w"], r.config["guidance"]): r.error
+                  for r in grid if r.error is not None}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     for row in rows:
         p = Point.make(row["snapshot"], row["w"], row["guidance"])
         if row["status"] == "failed" and p in errors:

@@ -71,9 +71,12 @@ def start_s3(buckets: tuple[str, ...] = ("neon",), timeout: float = 60.0) -> S3S
         "s3.port.iceberg", "s3.port.lance", "webdav.port")}
     data = os.path.join(workdir, "data")
     os.makedirs(data)
-    cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+    # Logs and local sockets inside workdir, so nothing is left in /tmp.
+    cmd = [weed, f"-logdir={workdir}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            "-admin.ui=false", "-webdav=false", "-master.telemetry=false",
-           f"-s3.config={config}", f"-bucket={','.join(buckets)}"]
+           f"-s3.config={config}", f"-bucket={','.join(buckets)}",
+           f"-filer.localSocket={os.path.join(workdir, 'filer.sock')}",
+           f"-s3.localSocket={os.path.join(workdir, 's3.sock')}"]
     cmd += [f"-{k}={v}" for k, v in ports.items()]
     log = open(os.path.join(workdir, "weed.log"), "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
