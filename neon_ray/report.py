@@ -69,6 +69,11 @@ def _table(rows: list[dict]) -> str:
     body = [f"| {r['phase']} | {r['snapshot']} | {r['w']:g} | {r['guidance']:g} | {r['fid']:.4f} | "
             f"{r['precision']:.3f} | {r['recall']:.3f} | {r['status']} |"
             for r in sorted(rows, key=lambda r: (r["phase"] != "final", r["snapshot"], r["guidance"], r["w"]))]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        body += ["", f"{len(failed)} failed point(s), left out of the search (a re-run tries them again):", ""]
+        body += [f"- {r['snapshot']}, w={r['w']:g}, γ={r['guidance']:g}: {r.get('error') or 'no error text'}"
+                 for r in failed]
     return "\n".join([head, *body])
 
 
@@ -103,6 +108,10 @@ def write_sweep_report(cfg, prep, rows: list[dict], result: dict) -> None:
 
     extra = result["extra_compute"]
     frac = extra.get("fraction_of_base")
+    verdict = "No point with w ≠ 0 beat the base on the search seeds: the base is kept." \
+        if neon["snapshot"] == "base" or neon["w"] == 0 else \
+        f"On the final seeds Neon changes FID by {neon['fid'] - base['fid']:+.4f} " \
+        f"({100 * (neon['fid'] / base['fid'] - 1):+.1f} %)."
     text = f"""# Neon sweep
 
 Feature space: `{prep.extractor_id}`. Search: `{cfg.search}`, {result['evaluations']} evaluations on
@@ -113,6 +122,8 @@ Feature space: `{prep.extractor_id}`. Search: `{cfg.search}`, {result['evaluatio
 |---|---|---|---|---|---|---|
 | base | – | 0 | {base['guidance']:g} | {base['fid']:.4f} | {base['precision']:.3f} | {base['recall']:.3f} |
 | Neon | {neon['snapshot']} | {neon['w']:g} | {neon['guidance']:g} | {neon['fid']:.4f} | {neon['precision']:.3f} | {neon['recall']:.3f} |
+
+{verdict}
 
 Extra training compute: {extra.get('finetune_images', 0)} fine-tune images
 ({'n/a' if frac is None else f'{100 * frac:.2f} %'} of the base model's training images).

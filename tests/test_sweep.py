@@ -68,6 +68,9 @@ def test_failed_trials_are_recorded_and_the_sweep_completes(inputs, ray_local, t
     assert result["evaluations"] == len(select)
     assert os.path.exists(os.path.join(out, "final", "manifest.json"))
     assert json.load(open(os.path.join(out, "result.json")))["w"] == result["w"]
+    report = open(os.path.join(out, "report.md")).read()
+    failed = sum(r["status"] == "failed" for r in rows)
+    assert f"{failed} failed point(s)" in report and "injected failure at guidance 1.5" in report
 
     # A re-run keeps the evaluated points (same timings: not re-evaluated) and tries the failed ones again.
     again = sweep(config(inputs, out))
