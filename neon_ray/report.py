@@ -112,6 +112,7 @@ def write_sweep_report(cfg, prep, rows: list[dict], result: dict) -> None:
         if neon["snapshot"] == "base" or neon["w"] == 0 else \
         f"On the final seeds Neon changes FID by {neon['fid'] - base['fid']:+.4f} " \
         f"({100 * (neon['fid'] / base['fid'] - 1):+.1f} %)."
+    warnings = "".join(f"\n**Warning:** {w}\n" for w in result.get("warnings", []))
     text = f"""# Neon sweep
 
 Feature space: `{prep.extractor_id}`. Search: `{cfg.search}`, {result['evaluations']} evaluations on
@@ -124,6 +125,7 @@ Feature space: `{prep.extractor_id}`. Search: `{cfg.search}`, {result['evaluatio
 | Neon | {neon['snapshot']} | {neon['w']:g} | {neon['guidance']:g} | {neon['fid']:.4f} | {neon['precision']:.3f} | {neon['recall']:.3f} |
 
 {verdict}
+{warnings}
 
 Extra training compute: {extra.get('finetune_images', 0)} fine-tune images
 ({'n/a' if frac is None else f'{100 * frac:.2f} %'} of the base model's training images).

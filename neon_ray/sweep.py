@@ -201,7 +201,10 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     result = {"neon": neon, "base": base, "w": neon["w"], "guidance": neon["guidance"],
               "snapshot": neon["snapshot"], "evaluations": sum(1 for r in rows if r["phase"] == "select"),
               "feature_space": prep.extractor_id, "search": cfg.search,
-              "extra_compute": extra_compute(cfg, prep, neon["snapshot"])}
+              "extra_compute": extra_compute(cfg, prep, neon["snapshot"]),
+              "warnings": edge_warnings(cfg, prep, best, base_best)}
+    for text in result["warnings"]:
+        print(f"sweep: warning: {text}")
 
     # Write the winner with the streaming merge.
     if cfg.write_final:
@@ -213,6 +216,21 @@ def run(cfg: SweepConfig) -> dict[str, Any]:
     print(f"sweep: base FID {base['fid']:.3f} (γ={base['guidance']:g}) -> Neon FID {neon['fid']:.3f} "
           f"(w={neon['w']:g}, γ={neon['guidance']:g}, {neon['snapshot']}) on {cfg.num_final} samples")
     return result
+
+
+def edge_warnings(cfg: SweepConfig, prep: Prepared, best: dict[str, Any], base_best: dict[str, Any]) -> list[str]:
+    """Chosen points on an end of a searched range: the optimum may lie outside it."""
+    out = []
+    w_hi = parse_range(cfg.w, "w")[1]
+    if best["snapshot"] != BASE and best["w"] >= w_hi:
+        out.append(f"the best w ({best['w']:g}) is the top of the searched range {cfg.w}; widen w")
+    if len(prep.gammas) > 1:
+        ends = (min(prep.gammas), max(prep.gammas))
+        for who, row in (("Neon", best), ("the base", base_best)):
+            if row["guidance"] in ends:
+                out.append(f"{who}'s best guidance ({row['guidance']:g}) is an end of the searched range "
+                           f"{cfg.cfg}; widen cfg")
+    return out
 
 
 def extra_compute(cfg: SweepConfig, prep: Prepared, snapshot: str) -> dict[str, Any]:

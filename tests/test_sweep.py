@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from neon_ray import checkpoints
 from neon_ray.config import from_dict
 from neon_ray.evaluate.refstats import RefStats, load_ref_stats, save_ref_stats
 from neon_ray.evaluate.run import RefStatsConfig, run_ref_stats
-from neon_ray.sweep import SweepConfig, load_results, run as sweep
+from neon_ray.sweep import SweepConfig, edge_warnings, load_results, run as sweep
 
 FAULTY = "faulty_family:FaultyFlow"
 
@@ -115,3 +116,14 @@ def test_snapshots_of_another_base_are_refused(inputs, tmp_path):
     flow = tmp_path / "ft-flow"
     copy_as(inputs["base"], str(flow / "snap-00000640"), family="flow")
     refused(inputs, tmp_path, "snapshot snap-00000640: family/model 'flow' differ", snapshots=str(flow))
+
+
+def test_edge_warnings_name_the_range_to_widen():
+    cfg = SweepConfig(base="b", snapshots="s", ref_stats="r", out="o", w="0:3", cfg="1:3")
+    prep = SimpleNamespace(gammas=[1.0, 2.0, 3.0])
+    got = edge_warnings(cfg, prep, {"snapshot": "snap-1", "w": 3.0, "guidance": 2.0},
+                        {"snapshot": "base", "w": 0.0, "guidance": 1.0})
+    assert len(got) == 2 and "best w (3) is the top of the searched range 0:3" in got[0]
+    assert "the base's best guidance (1) is an end of the searched range 1:3" in got[1]
+    assert edge_warnings(cfg, prep, {"snapshot": "snap-1", "w": 2.2, "guidance": 2.0},
+                         {"snapshot": "base", "w": 0.0, "guidance": 2.0}) == []
