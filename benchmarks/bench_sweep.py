@@ -1,7 +1,8 @@
 """Sweep search: adaptive (parabolic along w) vs grid (the paper's protocol) on the digits demo.
 
 Runs the flow digits pipeline up to the fine-tune (reusing --run-dir when its
-stages are done), then both searches with the same seeds, ranges and final
+stages are done), then both searches with the same seeds, ranges
+(``RANGES``: w ∈ [0, 6] on 13 grid points, γ ∈ [1, 3] on 5) and final
 comparison. Prints one JSON line: evaluations, chosen point and final FIDs
 (base and Neon, precision/recall as base P, base R, Neon P, Neon R) of each, the
 evaluation ratio (target ≤ 0.5) and the FID ratio adaptive/grid (target ≤ 1.02).
@@ -23,6 +24,10 @@ from neon_ray.config import from_dict, to_dict  # noqa: E402
 from neon_ray.raycluster import init_ray  # noqa: E402
 
 
+# The searched ranges, fixed here so the figures in the README stay comparable when the job config changes.
+RANGES = {"w": "0:6", "w_points": 13, "cfg": "1:3", "cfg_points": 5}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-dir", default=os.path.join(ROOT, "runs", "bench-sweep"))
@@ -37,7 +42,8 @@ def main() -> None:
     base_sweep = to_dict(pipeline.stage_configs(cfg)["sweep"])
     out = {}
     for search in ("grid", "adaptive"):
-        sweep_cfg = from_dict(sweep.SweepConfig, {**base_sweep, "search": search, "write_final": False,
+        sweep_cfg = from_dict(sweep.SweepConfig, {**base_sweep, **RANGES, "search": search,
+                                                  "write_final": False,
                                                   "out": os.path.join(args.run_dir, f"sweep-{search}")})
         t0 = time.perf_counter()
         result = sweep.run(sweep_cfg)
