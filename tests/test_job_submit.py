@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -52,12 +53,16 @@ def ray_head():
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
             break
+        except urllib.error.HTTPError:
+            break  # an HTTP answer (401: no token sent) means the dashboard is up
         except OSError:
             time.sleep(0.5)
+    else:
+        pytest.fail(f"the Ray head's dashboard did not answer in 120 s: {open(log.name).read()[-3000:]}")
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=60)
+        head.wait(timeout=15)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)
