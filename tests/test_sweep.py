@@ -127,3 +127,20 @@ def test_edge_warnings_name_the_range_to_widen():
     assert "the base's best guidance (1) is an end of the searched range 1:3" in got[1]
     assert edge_warnings(cfg, prep, {"snapshot": "snap-1", "w": 2.2, "guidance": 2.0},
                          {"snapshot": "base", "w": 0.0, "guidance": 2.0}) == []
+
+
+def test_evaluator_tasks_give_the_same_features_as_one_process(inputs, ray_local):
+    import numpy as np
+
+    from neon_ray.sample import resolve_sampler
+    from neon_ray.sweep_eval import point_features, spec_from
+    from neon_ray.sweep_tune import _features
+
+    family, model_cfg, _, info = checkpoints.load_model(inputs["base"])
+    base_sd = checkpoints.load_state_dict(inputs["base"])
+    snap_sd = checkpoints.load_state_dict(os.path.join(inputs["snapshots"], "snap-00000640"))
+    spec = spec_from(info.family, model_cfg, resolve_sampler(family, model_cfg, {"steps": 4}), 90, 7, 32,
+                     config(inputs, "unused").extractor)
+    one = point_features(spec, base_sd, snap_sd, 1.5, 1.0, 0, spec.num)
+    split = _features(spec, base_sd, snap_sd, 1.5, 1.0, 3, {"cpu": 1, "gpu": 0})   # 3 evaluator tasks
+    assert split.shape == one.shape == (90, 64) and np.array_equal(split, one)
