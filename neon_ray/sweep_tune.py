@@ -26,7 +26,8 @@ def _features(spec, base_sd, snap_sd, w, guidance, evaluators: int, resources: d
     if evaluators <= 1:
         return point_features(spec, base_sd, snap_sd, w, guidance, 0, spec.num)
     task = ray.remote(point_features).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
-    refs = [task.remote(spec, base_sd, snap_sd, w, guidance, a, b) for a, b in chunks(spec.num, evaluators)]
+    base_ref, snap_ref = ray.put(base_sd), ray.put(snap_sd)    # once, not once per task
+    refs = [task.remote(spec, base_ref, snap_ref, w, guidance, a, b) for a, b in chunks(spec.num, evaluators)]
     return np.concatenate(ray.get(refs))
 
 
