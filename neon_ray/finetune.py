@@ -40,6 +40,7 @@ import torch
 
 from neon_ray import checkpoints, storage as st
 from neon_ray.config import option, to_dict
+from neon_ray.data.rows import RowStore, ShardRows
 from neon_ray.families.base import to_float
 from neon_ray.storage import StorageConfig
 from neon_ray.training import set_lr, update_ema, warmup_lr
@@ -79,6 +80,9 @@ class FinetuneConfig:
     require_same_base: bool = option(True, "refuse S sampled from a checkpoint other than --checkpoint")
     deepspeed: dict[str, Any] = option(default_factory=dict,
                                        help="extra DeepSpeed config, merged over the generated one")
+    window_shards: int = option(0, "shuffle S within windows of this many shards, each worker reading "
+                                "them on demand and holding two windows at most; 0 = shuffle all of S, "
+                                "held in memory by every worker", min=0)
     fail_at_images: int = option(0, "testing: the last worker kills itself once when images seen "
                                  "first reaches this (0 = off)", min=0)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -106,9 +110,23 @@ class FinetuneConfig:
 # Plan: data order, schedule, seeds (pure) ---------------------------------------------
 
 @functools.lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, num: int) -> np.ndarray:
-    """The order S's rows are visited in during one epoch (a seeded permutation)."""
-    return np.random.default_rng([seed, epoch]).permutation(num)
+def epoch_order(seed: int, epoch: int, num: int, shard_rows: tuple[int, ...] = (), window: int = 0) -> np.ndarray:
+    """The order S's rows are visited in during one epoch, seeded by (seed, epoch).
+
+    ``window = 0`` (or at least the shard count): a permutation of all rows.
+    Otherwise shards are taken in a seeded order, ``window`` at a time, and the
+    rows of each window are permuted among themselves, so a reader needs at
+    most two windows of shards at once (``shard_rows``: rows per shard, in
+    index order).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if not window or window >= len(shard_rows):
+        return rng.permutation(num)
+    starts = np.concatenate([[0], np.cumsum(shard_rows)])
+    order = rng.permutation(len(shard_rows))
+    windows = [np.concatenate([np.arange(starts[s], starts[s + 1]) for s in order[g:g + window]])
+               for g in range(0, len(order), window)]
+    return np.concatenate([rng.permutation(rows) for rows in windows])
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,8 @@ class Plan:
     lr: float
     warmup_images: int
     seed: int
+    shard_rows: tuple[int, ...] = ()   # rows per shard of S (for the windowed order)
+    window: int = 0                    # shards per shuffle window; 0 = shuffle all of S
 
     @property
     def steps(self) -> int:
@@ -153,7 +173,8 @@ class Plan:
         out = np.empty(self.micro, dtype=np.int64)
         for e in np.unique(epochs):
             sel = epochs == e
-            out[sel] = epoch_order(self.seed, int(e), self.num_rows)[offset[sel]]
+            out[sel] = epoch_order(self.seed, int(e), self.num_rows, tuple(self.shard_rows),
+                                   self.window)[offset[sel]]
         return out
 
     def micro_seed(self, step: int, micro: int) -> int:
@@ -167,47 +188,21 @@ class Plan:
         return range(rank * a, (rank + 1) * a)
 
 
-def make_plan(cfg: FinetuneConfig, num_rows: int) -> Plan:
+def make_plan(cfg: FinetuneConfig, num_rows: int, shard_rows: tuple[int, ...] = ()) -> Plan:
     return Plan(num_rows=num_rows, batch=cfg.batch, micro=cfg.micro, images=cfg.images,
-                every=cfg.snapshot_every, lr=cfg.lr, warmup_images=cfg.warmup_images, seed=cfg.seed)
+                every=cfg.snapshot_every, lr=cfg.lr, warmup_images=cfg.warmup_images, seed=cfg.seed,
+                shard_rows=tuple(shard_rows), window=cfg.window_shards)
+
+
+def row_source(plan: Plan, data: str, manifest: dict[str, Any], storage: StorageConfig | None) -> ShardRows:
+    """S read shard by shard, holding two windows at most (for a windowed plan)."""
+    from neon_ray.data import synthetic
+
+    return ShardRows(synthetic.shard_uris(data, manifest), list(plan.shard_rows), 2 * plan.window, storage)
 
 
 def snapshot_name(target: int) -> str:
     return f"snap-{target:08d}"
-
-
-# S in memory, encoded -----------------------------------------------------------
-
-class RowStore:
-    """S's rows in index order, images kept PNG-encoded and decoded per batch.
-
-    Every worker holds all of S (a global batch may draw any row, and the
-    order must not depend on the worker count): memory is the encoded size
-    of S per worker, e.g. ~0.1 GB for 50k 32×32 PNGs.
-    """
-
-    def __init__(self, blobs: list[bytes], labels: np.ndarray):
-        self.blobs, self.labels = blobs, labels.astype(np.int64)
-
-    @classmethod
-    def from_tables(cls, tables: Iterable[Any]) -> "RowStore":
-        """From Arrow tables with columns image, label, index (any order, any split)."""
-        import pyarrow as pa
-
-        table = pa.concat_tables([t.select(["image", "label", "index"]) for t in tables]).sort_by("index")
-        index = table.column("index").to_numpy()
-        if not np.array_equal(index, np.arange(len(index))):
-            raise ValueError(f"synthetic set: row indices are not 0..{len(index) - 1} exactly once")
-        return cls(table.column("image").to_pylist(), table.column("label").to_numpy())
-
-    def __len__(self) -> int:
-        return len(self.blobs)
-
-    def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (n, C, H, W) and int64 labels (n,) of the given rows."""
-        from neon_ray.data.synthetic import decode_images
-
-        return decode_images([self.blobs[i] for i in rows]), torch.from_numpy(self.labels[rows])
 
 
 # The train step (no Ray, no DeepSpeed) ----------------------------------------------
@@ -281,7 +276,8 @@ def settings(cfg: FinetuneConfig, base_digest: str, data_digest: str, rec: dict)
     """What fixes the snapshots' values (the layout — workers, ZeRO stage — only rounds them)."""
     keys = ("images", "snapshot_every", "lr", "warmup_images", "batch", "ema_decay", "weights", "bf16",
             "seed")
-    return {**{k: getattr(cfg, k) for k in keys}, "micro_batch": cfg.micro, "recipe": rec,
+    window = {"window_shards": cfg.window_shards} if cfg.window_shards else {}
+    return {**{k: getattr(cfg, k) for k in keys}, "micro_batch": cfg.micro, "recipe": rec, **window,
             "base_digest": base_digest, "data_digest": data_digest}
 
 
@@ -295,6 +291,7 @@ class Prepared:
     recipe: dict[str, Any]
     base_digest: str
     data_digest: str
+    data_manifest: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare(cfg: FinetuneConfig) -> Prepared:
@@ -337,7 +334,8 @@ def prepare(cfg: FinetuneConfig) -> Prepared:
         if old is not None and old.get("settings") != sett:
             raise FileExistsError(f"{cfg.out}: holds a fine-tune with other settings ({name}); "
                                   f"refusing to overwrite it — choose another --out")
-    return Prepared(info, make_plan(cfg, num), sett, rec, base_digest, data_digest)
+    shard_rows = tuple(int(x["rows"]) for x in manifest["shards"])
+    return Prepared(info, make_plan(cfg, num, shard_rows), sett, rec, base_digest, data_digest, manifest)
 
 
 def finished(cfg: FinetuneConfig, prep: Prepared) -> dict[str, Any] | None:

@@ -7,7 +7,10 @@ sampling weights, calls ``deepspeed.initialize`` on the process group Ray
 created (gloo on CPU, nccl on GPU) with a torch AdamW (no fused-op build), and
 trains by the :class:`~neon_ray.finetune.Plan`. Every worker holds all of S,
 encoded: a global batch is a fixed set of rows and any worker may be handed
-any of them, whatever the worker count.
+any of them, whatever the worker count. With ``window_shards`` set, the plan
+shuffles within windows of shards and each worker reads shards from storage
+as it needs them instead, holding two windows at most (for S too large to
+hold per worker).
 
 At each snapshot step the workers gather the full fp32 weights (under ZeRO-3
 too), rank 0 writes the sampling weights (EMA by default) as a checkpoint
@@ -34,8 +37,8 @@ import torch
 
 from neon_ray import checkpoints, storage as st
 from neon_ray.config import from_dict, to_dict
-from neon_ray.finetune import (FinetuneConfig, Plan, Prepared, RowStore, micro_loss, snapshot_name,
-                               step_batches)
+from neon_ray.finetune import (FinetuneConfig, Plan, Prepared, RowStore, micro_loss, row_source,
+                               snapshot_name, step_batches)
 from neon_ray.training import make_ema, make_optimizer, set_lr, update_ema
 
 CHUNK_ELEMENTS = 1 << 26     # parameters gathered at once under ZeRO-3 (256 MiB of fp32)
@@ -147,9 +150,13 @@ def train_loop(job: dict[str, Any]) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     zero3 = cfg.zero_stage == 3
 
-    # Read S: all rows, kept encoded (any worker may need any row).
-    shard = ray.train.get_dataset_shard("train")
-    rows = RowStore.from_tables(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
+    # Read S: all rows from the Ray Dataset, kept encoded (any worker may need any row),
+    # or with a windowed plan shard by shard from storage, two windows at most.
+    if plan.window:
+        rows = row_source(plan, cfg.data, job["data_manifest"], cfg.storage)
+    else:
+        shard = ray.train.get_dataset_shard("train")
+        rows = RowStore.from_tables(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
     if len(rows) != plan.num_rows:
         raise ValueError(f"data: read {len(rows)} rows of S, its manifest says {plan.num_rows}")
 
@@ -277,17 +284,21 @@ def fit(cfg: FinetuneConfig, prep: Prepared) -> dict[str, Any] | None:
 
     init_ray()
     # Read S once, before the workers hold CPUs: they then only fetch blocks from the
-    # object store (a lazy read would need CPUs the workers may have taken).
-    dataset = synthetic.ray_dataset(cfg.data, cfg.storage, verify=False).select_columns(
-        ["image", "label", "index"])
-    dataset.context.enable_progress_bars = False
-    dataset = dataset.materialize()
+    # object store (a lazy read would need CPUs the workers may have taken). A windowed
+    # plan reads shards in the workers instead.
+    datasets = {}
+    if not prep.plan.window:
+        dataset = synthetic.ray_dataset(cfg.data, cfg.storage, verify=False).select_columns(
+            ["image", "label", "index"])
+        dataset.context.enable_progress_bars = False
+        datasets["train"] = dataset.materialize()
     fs, path = st.pyarrow_filesystem(st.join(cfg.out, "ray"), cfg.storage)
     st.ensure_local_dir(st.join(cfg.out, "ray"))
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     job = {"config": to_dict(cfg), "plan": dataclasses.asdict(prep.plan),
            "info": dataclasses.asdict(prep.info), "recipe": prep.recipe, "settings": prep.settings,
-           "base_digest": prep.base_digest, "data_digest": prep.data_digest}
+           "base_digest": prep.base_digest, "data_digest": prep.data_digest,
+           "data_manifest": prep.data_manifest}
     trainer = TorchTrainer(
         train_loop, train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
@@ -296,6 +307,6 @@ def fit(cfg: FinetuneConfig, prep: Prepared) -> dict[str, Any] | None:
         run_config=RunConfig(name=run_name(cfg), storage_path=path, storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset}, dataset_config=DataConfig(datasets_to_split=[]))
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=[]))
     result = trainer.fit()
     return result.metrics
