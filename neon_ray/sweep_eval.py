@@ -75,9 +75,16 @@ def point_features(spec: EvalSpec, base_sd: dict, snap_sd: dict | None, w: float
     return np.concatenate(feats)
 
 
-def score(features: np.ndarray, ref, k: int) -> dict[str, float]:
-    """FID (float64 moments) and precision/recall in the extractor's space."""
-    moments = Moments.of(features)
+def point_moments(spec: EvalSpec, base_sd: dict, snap_sd: dict | None, w: float, guidance: float,
+                  start: int, stop: int) -> tuple[Moments, np.ndarray]:
+    """One evaluator's share: float64 moments of its features (they merge exactly), and the features."""
+    feats = point_features(spec, base_sd, snap_sd, w, guidance, start, stop)
+    return Moments.of(feats), feats
+
+
+def score(features: np.ndarray, ref, k: int, moments: Moments | None = None) -> dict[str, float]:
+    """FID (float64 moments: given, merged from evaluators, or of ``features``) and precision/recall."""
+    moments = moments if moments is not None else Moments.of(features)
     out = {"fid": float(frechet_distance(moments.mean(), moments.cov(), ref.mu, ref.sigma))}
     if ref.features is not None:
         pr = prdc(ref.features, features, k=k)

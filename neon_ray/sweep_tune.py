@@ -7,28 +7,32 @@ resources.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import tempfile
 import time
 from typing import Any
 
+import numpy as np
+
 from neon_ray import checkpoints
+from neon_ray.evaluate.moments import Moments
 from neon_ray.search import BASE, Point
-from neon_ray.sweep_eval import chunks, point_features, score, spec_from
+from neon_ray.sweep_eval import chunks, point_features, point_moments, score, spec_from
 
 
-def _features(spec, base_sd, snap_sd, w, guidance, evaluators: int, resources: dict) -> Any:
-    """Features of a point, in this process or fanned out over evaluator tasks."""
-    import numpy as np
+def _features(spec, base_sd, snap_sd, w, guidance, evaluators: int, resources: dict):
+    """(float64 moments, features) of a point: in this process, or from evaluator tasks whose moments merge."""
     import ray
 
     if evaluators <= 1:
-        return point_features(spec, base_sd, snap_sd, w, guidance, 0, spec.num)
-    task = ray.remote(point_features).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+        return point_moments(spec, base_sd, snap_sd, w, guidance, 0, spec.num)
+    task = ray.remote(point_moments).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
     base_ref, snap_ref = ray.put(base_sd), ray.put(snap_sd)    # once, not once per task
-    refs = [task.remote(spec, base_ref, snap_ref, w, guidance, a, b) for a, b in chunks(spec.num, evaluators)]
-    return np.concatenate(ray.get(refs))
+    parts = ray.get([task.remote(spec, base_ref, snap_ref, w, guidance, a, b)
+                     for a, b in chunks(spec.num, evaluators)])
+    return functools.reduce(Moments.merge, [m for m, _ in parts]), np.concatenate([f for _, f in parts])
 
 
 def _trial(config: dict[str, Any], spec, base, snaps, ref, k: int, evaluators: int, resources: dict) -> None:
@@ -39,12 +43,12 @@ def _trial(config: dict[str, Any], spec, base, snaps, ref, k: int, evaluators: i
     t0 = time.time()
     snap_sd = None if config["snapshot"] == BASE else snaps[config["snapshot"]]
     try:
-        feats = _features(spec, base, snap_sd, config["w"], config["guidance"], evaluators, resources)
+        moments, feats = _features(spec, base, snap_sd, config["w"], config["guidance"], evaluators, resources)
     except torch.OutOfMemoryError as e:  # recorded as a failed point; the search goes on
         tune.report({"status": "failed", "error": f"out of memory: {e}"[:300], "fid": math.nan,
                      "seconds": time.time() - t0})
         return
-    metrics = score(feats, ref, k)
+    metrics = score(feats, ref, k, moments)
     tune.report({**metrics, "status": "ok", "error": None, "seconds": time.time() - t0})
 
 

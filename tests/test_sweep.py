@@ -132,6 +132,7 @@ def test_edge_warnings_name_the_range_to_widen():
 def test_evaluator_tasks_give_the_same_features_as_one_process(inputs, ray_local):
     import numpy as np
 
+    from neon_ray.evaluate.moments import Moments
     from neon_ray.sample import resolve_sampler
     from neon_ray.sweep_eval import point_features, spec_from
     from neon_ray.sweep_tune import _features
@@ -142,5 +143,9 @@ def test_evaluator_tasks_give_the_same_features_as_one_process(inputs, ray_local
     spec = spec_from(info.family, model_cfg, resolve_sampler(family, model_cfg, {"steps": 4}), 90, 7, 32,
                      config(inputs, "unused").extractor)
     one = point_features(spec, base_sd, snap_sd, 1.5, 1.0, 0, spec.num)
-    split = _features(spec, base_sd, snap_sd, 1.5, 1.0, 3, {"cpu": 1, "gpu": 0})   # 3 evaluator tasks
+    moments, split = _features(spec, base_sd, snap_sd, 1.5, 1.0, 3, {"cpu": 1, "gpu": 0})  # 3 evaluator tasks
     assert split.shape == one.shape == (90, 64) and np.array_equal(split, one)
+    # Their float64 moments merge to those of all the features (up to summation order).
+    whole = Moments.of(one)
+    assert moments.n == 90 and np.allclose(moments.sum, whole.sum, rtol=1e-12, atol=1e-9)
+    assert np.allclose(moments.outer, whole.outer, rtol=1e-12, atol=1e-9)
