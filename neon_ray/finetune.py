@@ -177,6 +177,12 @@ class Plan:
                                    self.window)[offset[sel]]
         return out
 
+    def window_steps(self) -> int:
+        """Steps a window of shards lasts at least (how far ahead to read); 0 without windows."""
+        if not self.window or not self.shard_rows:
+            return 0
+        return max(1, self.window * min(self.shard_rows) // self.batch)
+
     def micro_seed(self, step: int, micro: int) -> int:
         """Seed of a micro-batch's loss noise (t, ε, label drop)."""
         return int(np.random.SeedSequence([self.seed, step, micro]).generate_state(1, np.uint64)[0]

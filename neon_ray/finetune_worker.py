@@ -33,6 +33,7 @@ import time
 from functools import partial
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from neon_ray import checkpoints, storage as st
@@ -192,8 +193,11 @@ def train_loop(job: dict[str, Any]) -> None:
     micros = plan.micros_of(rank, world)
     marker = st.join(cfg.out, ".fault-injected")
     loss_sum, loss_n, loop_s, loop_steps, snap_s = 0.0, 0, 0.0, 0, 0.0
+    ahead = plan.window_steps()
     for step in range(start, plan.steps):
         t0 = time.perf_counter()
+        if ahead and step + ahead < plan.steps:   # read the next window's shards while this one trains
+            rows.prefetch(np.concatenate([plan.rows(step + ahead, m) for m in micros]))
         set_lr(engine.optimizer, plan.lr_at(step))
         total = torch.zeros((), device=device)
         for images, labels, seed in step_batches(plan, rows, step, micros):
@@ -229,6 +233,7 @@ def train_loop(job: dict[str, Any]) -> None:
         report_checkpoint(engine, ema, rank, world, cfg.zero_stage, done, metrics, snap_s)
         loss_sum, loss_n = 0.0, 0
         snap_s += time.perf_counter() - t1
+    rows.close()
 
 
 def write_snapshot(cfg: FinetuneConfig, job: dict, info: checkpoints.CheckpointInfo,

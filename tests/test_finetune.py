@@ -165,13 +165,20 @@ def test_shard_rows_read_each_shard_once_per_epoch_and_match_the_row_store(synth
     manifest = synthetic.load_manifest(synthetic_set)
     counts = tuple(x["rows"] for x in manifest["shards"])
     plan = make_plan(cfg(checkpoint="c", data="d", out="o", window_shards=1), 256, counts)
-    source = row_source(plan, synthetic_set, manifest, None)
-    for step in range(plan.steps):
-        for m in range(plan.micros_per_step):
-            r = plan.rows(step, m)
-            got, want = source.batch(r), rows.batch(r)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert plan.steps * plan.batch == 256 and source.loads == 4 and source.peak <= 2
+    assert plan.window_steps() == 4   # a window of one 64-row shard lasts 4 steps of 16
+    for ahead in (0, plan.window_steps()):
+        source = row_source(plan, synthetic_set, manifest, None)
+        for step in range(plan.steps):
+            if ahead and step + ahead < plan.steps:   # as the workers do: read the next window early
+                source.prefetch(plan.rows(step + ahead, 0))
+                assert len(source.pending) <= 1
+            for m in range(plan.micros_per_step):
+                r = plan.rows(step, m)
+                got, want = source.batch(r), rows.batch(r)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        source.close()
+        assert plan.steps * plan.batch == 256 and source.loads == 4 and source.peak <= 2
+        assert source.read_ahead == (3 if ahead else 0)   # every shard after the first was read ahead
     uris = synthetic.shard_uris(synthetic_set, manifest)
     with pytest.raises(ValueError, match="shard-000001.parquet: rows are not indices 0..63 in order"):
         ShardRows([uris[1], uris[0]], [64, 64], 2).batch(np.array([3]))

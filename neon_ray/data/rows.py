@@ -5,13 +5,16 @@ A fine-tune step asks for a fixed list of row indices (``finetune.Plan.rows``).
 the encoded size of S per worker. :class:`ShardRows` reads a shard from
 storage the first time one of its rows is asked for and keeps the most
 recently used ``capacity`` shards: with the plan's windowed order (rows
-shuffled within windows of shards) a worker holds at most two windows.
+shuffled within windows of shards) a worker holds at most two windows, and
+:meth:`ShardRows.prefetch` reads the next window's shards in a background
+thread while the current one trains.
 """
 
 from __future__ import annotations
 
 import io
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable
 
 import numpy as np
@@ -57,6 +60,9 @@ class RowStore:
         """uint8 images (n, C, H, W) and int64 labels (n,) of the given rows."""
         return _batch([self.blobs[i] for i in rows], self.labels[rows])
 
+    def close(self) -> None:
+        """Nothing to release (the same interface as :class:`ShardRows`)."""
+
 
 class ShardRows:
     """S's rows read shard by shard from storage, the ``capacity`` most recent shards kept.
@@ -73,16 +79,17 @@ class ShardRows:
         self.uris, self.storage, self.capacity = list(uris), storage, capacity
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.cache: OrderedDict[int, tuple[list[bytes], np.ndarray]] = OrderedDict()
+        self.pending: dict[int, Future] = {}   # shards being read ahead (at most ``capacity // 2``)
+        self._pool: ThreadPoolExecutor | None = None
         self.loads = 0            # shard reads so far (a re-read after eviction counts again)
+        self.read_ahead = 0       # of them, read ahead by prefetch
         self.peak = 0             # most shards held at once
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def _shard(self, i: int) -> tuple[list[bytes], np.ndarray]:
-        if i in self.cache:
-            self.cache.move_to_end(i)
-            return self.cache[i]
+    def _read(self, i: int) -> tuple[list[bytes], np.ndarray]:
+        """Shard ``i``'s images and labels, checked to hold its index range (any thread)."""
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(st.read_bytes(self.uris[i], self.storage)),
@@ -90,12 +97,34 @@ class ShardRows:
         expect = np.arange(self.starts[i], self.starts[i + 1])
         if not np.array_equal(table.column("index").to_numpy(), expect):
             raise ValueError(f"{self.uris[i]}: rows are not indices {expect[0]}..{expect[-1]} in order")
-        self.cache[i] = (table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64))
+        return table.column("image").to_pylist(), table.column("label").to_numpy().astype(np.int64)
+
+    def _shard(self, i: int) -> tuple[list[bytes], np.ndarray]:
+        if i in self.cache:
+            self.cache.move_to_end(i)
+            return self.cache[i]
+        ahead = self.pending.pop(i, None)
+        self.cache[i] = ahead.result() if ahead is not None else self._read(i)
         self.loads += 1
+        self.read_ahead += ahead is not None
         while len(self.cache) > self.capacity:
             self.cache.popitem(last=False)
         self.peak = max(self.peak, len(self.cache))
         return self.cache[i]
+
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Start reading, in a background thread, the shards of ``rows`` not held yet."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="neon-shard-reader")
+        for s in dict.fromkeys((np.searchsorted(self.starts, rows, side="right") - 1).tolist()):
+            if s in self.cache or s in self.pending or len(self.pending) >= max(1, self.capacity // 2):
+                continue
+            self.pending[s] = self._pool.submit(self._read, s)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
 
     def batch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (n, C, H, W) and int64 labels (n,) of the given rows."""
