@@ -81,8 +81,8 @@ class FinetuneConfig:
     deepspeed: dict[str, Any] = option(default_factory=dict,
                                        help="extra DeepSpeed config, merged over the generated one")
     window_shards: int = option(0, "shuffle S within windows of this many shards, each worker reading "
-                                "them on demand and holding two windows at most; 0 = shuffle all of S, "
-                                "held in memory by every worker", min=0)
+                                "them as needed (the next window ahead) and holding three windows at "
+                                "most; 0 = shuffle all of S, held in memory by every worker", min=0)
     fail_at_images: int = option(0, "testing: the last worker kills itself once when images seen "
                                  "first reaches this (0 = off)", min=0)
     storage: StorageConfig = field(default_factory=StorageConfig)
