@@ -8,7 +8,8 @@ later). This module is the pure core and the driver:
 
 - :class:`FinetuneConfig`, the settings of ``neon-ray finetune``;
 - :class:`Plan`, the data order and schedule as pure functions: global batch t
-  is a fixed list of S rows, a function of (seed, t) only, cut into micro-batches
+  is a fixed list of S rows, a function of (seed, t) only (rows shuffled over
+  all of S, or within windows of shards with ``window_shards``), cut into micro-batches
   of a fixed size; worker r of W takes micro-batches [r·a, (r+1)·a) with
   a = GB / (micro·W). The loss noise of a micro-batch is seeded by (seed, t,
   micro-batch), so 1 worker and 2 workers at the same global batch compute the
