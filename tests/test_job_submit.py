@@ -79,24 +79,26 @@ def submit(address: str, env: dict, run_dir: str) -> subprocess.CompletedProcess
     return proc
 
 
+def submit_and_succeed(address: str, env: dict, run_dir: str) -> tuple[dict, dict[str, str]]:
+    """Submit the smoke job; it must succeed. Returns run.json and each stage's status."""
+    proc = submit(address, env, run_dir)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out.lower(), out[-4000:]
+    record = json.load(open(os.path.join(run_dir, "run.json")))
+    return record, {s: v["status"] for s, v in record["stages"].items()}
+
+
 def test_submitted_job_succeeds_and_resumes(ray_head, tmp_path):
     address, env = ray_head
     run_dir = str(tmp_path / "run")
-    first = submit(address, env, run_dir)
-    assert first.returncode == 0 and "succeeded" in (first.stdout + first.stderr).lower(), \
-        (first.stdout + first.stderr)[-4000:]
-    record = json.load(open(os.path.join(run_dir, "run.json")))
-    assert {s: v["status"] for s, v in record["stages"].items()} == {
-        "base": "ran", "reference": "ran", "synthetic": "ran", "finetune": "ran", "sweep": "ran"}
+    record, status = submit_and_succeed(address, env, run_dir)
+    assert status == {"base": "ran", "reference": "ran", "synthetic": "ran", "finetune": "ran", "sweep": "ran"}
     for path in ("base/manifest.json", "synthetic/manifest.json", "finetune/manifest.json",
                  "sweep/results.parquet", "sweep/report.md", "sweep/final/manifest.json"):
         assert os.path.exists(os.path.join(run_dir, path)), path
     assert record["results"]["neon"]["fid"] > 0
 
     shutil.rmtree(os.path.join(run_dir, "sweep"))
-    second = submit(address, env, run_dir)
-    assert second.returncode == 0 and "succeeded" in (second.stdout + second.stderr).lower(), \
-        (second.stdout + second.stderr)[-4000:]
-    record = json.load(open(os.path.join(run_dir, "run.json")))
-    assert {s: v["status"] for s, v in record["stages"].items()} == {
-        "base": "skipped", "reference": "skipped", "synthetic": "skipped", "finetune": "skipped", "sweep": "ran"}
+    _, status = submit_and_succeed(address, env, run_dir)
+    assert status == {"base": "skipped", "reference": "skipped", "synthetic": "skipped", "finetune": "skipped",
+                      "sweep": "ran"}

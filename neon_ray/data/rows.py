@@ -116,7 +116,7 @@ class ShardRows:
         """Start reading, in a background thread, the shards of ``rows`` not held yet."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="neon-shard-reader")
-        for s in dict.fromkeys((np.searchsorted(self.starts, rows, side="right") - 1).tolist()):
+        for s in dict.fromkeys(self._shards_of(rows).tolist()):
             if s in self.cache or s in self.pending or len(self.pending) >= max(1, self.capacity // 2):
                 continue
             self.pending[s] = self._pool.submit(self._read, s)
@@ -131,10 +131,13 @@ class ShardRows:
         rows = np.asarray(rows, np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows outside S's {len(self)} rows")
-        shard = np.searchsorted(self.starts, rows, side="right") - 1
-        blobs, labels = [], np.empty(len(rows), np.int64)
-        for j, (s, r) in enumerate(zip(shard.tolist(), rows.tolist())):
-            images, lab = self._shard(s)
-            blobs.append(images[r - self.starts[s]])
-            labels[j] = lab[r - self.starts[s]]
+        shard = self._shards_of(rows)
+        held = {s: self._shard(s) for s in dict.fromkeys(shard.tolist())}   # each shard looked up once
+        offset = rows - self.starts[shard]
+        blobs = [held[s][0][o] for s, o in zip(shard.tolist(), offset.tolist())]
+        labels = np.array([held[s][1][o] for s, o in zip(shard.tolist(), offset.tolist())], np.int64)
         return _batch(blobs, labels)
+
+    def _shards_of(self, rows: np.ndarray) -> np.ndarray:
+        """The shard holding each row."""
+        return np.searchsorted(self.starts, rows, side="right") - 1
