@@ -182,7 +182,8 @@ class Plan:
         """Steps a window of shards lasts at least (how far ahead to read); 0 without windows."""
         if not self.window or not self.shard_rows:
             return 0
-        return max(1, self.window * min(self.shard_rows) // self.batch)
+        full = self.shard_rows[:-1] or self.shard_rows    # the last shard may be a short remainder
+        return max(1, self.window * min(full) // self.batch)
 
     def micro_seed(self, step: int, micro: int) -> int:
         """Seed of a micro-batch's loss noise (t, ε, label drop)."""

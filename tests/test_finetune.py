@@ -5,6 +5,7 @@ small S; every run is compared with :func:`plain_finetune`, the same plan in
 one process without Ray or DeepSpeed.
 """
 
+import dataclasses
 import os
 
 import numpy as np
@@ -166,6 +167,7 @@ def test_shard_rows_read_each_shard_once_per_epoch_and_match_the_row_store(synth
     counts = tuple(x["rows"] for x in manifest["shards"])
     plan = make_plan(cfg(checkpoint="c", data="d", out="o", window_shards=1), 256, counts)
     assert plan.window_steps() == 4   # a window of one 64-row shard lasts 4 steps of 16
+    assert dataclasses.replace(plan, shard_rows=(64, 64, 64, 5)).window_steps() == 4   # a short last shard
     for ahead in (0, plan.window_steps()):
         source = row_source(plan, synthetic_set, manifest, None)
         for step in range(plan.steps):
